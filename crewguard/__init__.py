@@ -1,0 +1,1 @@
+"""crewguard: an email-triage crew that keeps working in production."""
