@@ -37,7 +37,9 @@ class RetryPolicy:
     base_s: float = DEFAULT_BASE_S
     cap_s: float = DEFAULT_CAP_S
 
-    def backoff(self, attempt: int, rng: random.Random | None = None, retry_after: float | None = None) -> float:
+    def backoff(
+        self, attempt: int, rng: random.Random | None = None, retry_after: float | None = None
+    ) -> float:
         """Delay after failed attempt number `attempt` (1-based): full jitter, at least Retry-After."""
         ceiling = min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1)))
         delay = (rng or random).uniform(0.0, ceiling)

@@ -26,7 +26,9 @@ def canonical_json(body: dict[str, Any]) -> str:
 
 def entry_hash(seq: int, prev_hash: str, body: str) -> str:
     body_digest = hashlib.sha256(body.encode("utf-8")).digest()
-    return hashlib.sha256(HASH_DOMAIN + seq.to_bytes(8, "big") + bytes.fromhex(prev_hash) + body_digest).hexdigest()
+    return hashlib.sha256(
+        HASH_DOMAIN + seq.to_bytes(8, "big") + bytes.fromhex(prev_hash) + body_digest
+    ).hexdigest()
 
 
 def install_guards(conn: Connection) -> None:
@@ -64,11 +66,15 @@ def append(
         conn.execute(text("SELECT pg_advisory_xact_lock(727002)"))
     ts = clock.now()
     body = canonical_json({"event": event, "email_key": email_key, "ts": round(ts, 6), **data})
-    last = conn.execute(select(audit_log.c.seq, audit_log.c.entry_hash).order_by(audit_log.c.seq.desc()).limit(1)).first()
+    last = conn.execute(
+        select(audit_log.c.seq, audit_log.c.entry_hash).order_by(audit_log.c.seq.desc()).limit(1)
+    ).first()
     seq = (last.seq + 1) if last else 1
     prev = last.entry_hash if last else GENESIS_HASH
     conn.execute(
-        audit_log.insert().values(seq=seq, ts=ts, body=body, prev_hash=prev, entry_hash=entry_hash(seq, prev, body))
+        audit_log.insert().values(
+            seq=seq, ts=ts, body=body, prev_hash=prev, entry_hash=entry_hash(seq, prev, body)
+        )
     )
     return seq
 

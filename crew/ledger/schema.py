@@ -130,7 +130,9 @@ review_items = Table(
     Column("email_key", String(64), nullable=False),
     Column("job_id", Integer),
     Column("run_id", String(36)),
-    Column("reason", String(64), nullable=False),  # unparseable | unclassified | attempts_exhausted | killed | ...
+    Column(
+        "reason", String(64), nullable=False
+    ),  # unparseable | unclassified | attempts_exhausted | killed | ...
     Column("detail", Text),
     Column("incident_id", Integer),
     Column("state", String(16), nullable=False),  # open | resolved | requeued
@@ -155,7 +157,9 @@ incidents = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("dedupe_key", String(200), nullable=False),  # one open incident per problem
-    Column("kind", String(32), nullable=False),  # loop | token_spike | budget | stall | error_burst | queue_depth ...
+    Column(
+        "kind", String(32), nullable=False
+    ),  # loop | token_spike | budget | stall | error_burst | queue_depth ...
     Column("severity", String(16), nullable=False, default="warning"),
     Column("run_id", String(36)),
     Column("job_id", Integer),
