@@ -205,6 +205,8 @@ class SupervisorSettings(BaseModel):
     langfuse_poll_s: float = 5.0
     page_interval_s: float = 2.0
     heartbeat_timeout_s: float = 30.0
+    update_interval_s: float = 300.0  # a repeating incident's Slack message is updated at most this often
+    resolve_quiet_s: float = 30.0  # a fleet/queue incident resolves after its condition is gone this long
     detectors: DetectorSettings = Field(default_factory=DetectorSettings)
 
 

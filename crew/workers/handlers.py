@@ -1,0 +1,69 @@
+"""What a job does once its child process runs: a registry of handlers by name.
+
+`crew` is the real triage flow; `echo` is a first-class test double that exercises the same
+ledger path (fencing, ticket, audit) without an LLM, for chaos tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from crewguard.crew.ledger import db, jobs
+from crewguard.retry import RetryPolicy
+from crewguard.settings import Settings
+
+
+@dataclass(frozen=True)
+class JobContext:
+    engine: Engine
+    settings: Settings
+    claim: jobs.Claim
+
+
+def job_retry_policy(settings: Settings) -> RetryPolicy:
+    """Backoff between attempts of a whole job (the ledger re-queues it)."""
+    return RetryPolicy(settings.db.max_attempts, settings.db.backoff_base_s, settings.db.backoff_cap_s)
+
+
+Handler = Callable[[JobContext], None]
+
+#: Upper bound of the echo handler's random pause, so chaos kills land mid-job.
+ECHO_MAX_SLEEP_S = 0.3
+
+
+def echo_handler(ctx: JobContext) -> None:
+    """Ticket every email to the first configured team after a short random pause."""
+    time.sleep(random.uniform(0, ECHO_MAX_SLEEP_S))
+    team = ctx.settings.teams[0] if ctx.settings.teams else "general"
+    category = next(iter(ctx.settings.categories), "other")
+    with db.write(ctx.engine) as conn:
+        jobs.complete_ticketed(
+            conn,
+            ctx.claim,
+            sink="helpdesk",
+            team=team,
+            category=category,
+            classifier="echo",
+            external_id=f"HD-{ctx.claim.email_key[:12]}",
+        )
+
+
+def crew_handler(ctx: JobContext) -> None:
+    from crewguard.crew.flow.triage import process_email
+
+    process_email(ctx)
+
+
+HANDLERS: dict[str, Handler] = {"echo": echo_handler, "crew": crew_handler}
+
+
+def get_handler(name: str) -> Handler:
+    try:
+        return HANDLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown worker handler {name!r}; known: {', '.join(sorted(HANDLERS))}") from None
