@@ -60,11 +60,12 @@ def call_with_retries(
     policy: RetryPolicy,
     *,
     retry_on: tuple[type[BaseException], ...] = (RetryableError,),
+    retry_if: Callable[[BaseException], bool] | None = None,
     on_retry: Callable[[Attempt], None] | None = None,
     clock: Clock = SYSTEM_CLOCK,
     rng: random.Random | None = None,
 ) -> T:
-    """Call `fn(attempt_number)` until it returns, retrying errors in `retry_on`.
+    """Call `fn(attempt_number)` until it returns, retrying errors in `retry_on` (and `retry_if(error)`).
 
     The last error is re-raised once `policy.max_attempts` attempts have failed.
     """
@@ -73,7 +74,7 @@ def call_with_retries(
         try:
             return fn(attempt)
         except retry_on as exc:
-            if attempt >= policy.max_attempts:
+            if attempt >= policy.max_attempts or (retry_if is not None and not retry_if(exc)):
                 raise
             delay = policy.backoff(attempt, rng, getattr(exc, "retry_after", None))
             if on_retry is not None:

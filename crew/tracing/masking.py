@@ -23,12 +23,13 @@ PHONE_PLACEHOLDER = "[phone]"
 
 #: An e-mail address, as found in free text, JSON or headers.
 EMAIL_RE = re.compile(r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-#: A phone number: optional +country code, then 9+ digits in groups separated by space, dot, dash or parens.
+#: A phone number: +country code and digits, or digit groups separated by space, dot, dash or parens.
 PHONE_RE = re.compile(
-    r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]\d{2,4}){2,4}(?![\w.])"
+    r"(?<!\w)(?<!\d\.)(?:\+\d{10,15}|(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]\d{2,8}){1,4})"
+    r"(?!\w)(?!\.\d)"
 )
 #: Minimum number of digits for a PHONE_RE match to count as a phone number (skips dates, versions).
-PHONE_MIN_DIGITS = 9
+PHONE_MIN_DIGITS = 10
 
 #: Attributes holding message or tool content (OpenInference, Langfuse, OTel GenAI, CrewAI span fields).
 BODY_ATTRIBUTE_PREFIXES: tuple[str, ...] = (

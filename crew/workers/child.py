@@ -35,6 +35,8 @@ def run_child(settings: Settings, claim_fields: dict[str, object]) -> None:
     from crewguard.crew.workers.procgroup import become_group_leader_tied_to_parent
 
     become_group_leader_tied_to_parent()
+    for noisy in ("crewai", "crewai.llms.base_llm", "crewai.flow.runtime", "openinference"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)  # our flow records what matters
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the daemon
     claim = jobs.Claim(**claim_fields)  # type: ignore[arg-type]
@@ -49,7 +51,11 @@ def run_child(settings: Settings, claim_fields: dict[str, object]) -> None:
         logging.getLogger("crewguard.child").error("job %s failed:\n%s", claim.job_id, traceback.format_exc())
         try:  # record the failed attempt with its reason; the daemon only sees an exit code
             jobs.fail_attempt(
-                engine, claim, error=f"{type(exc).__name__}: {exc}"[:500], retryable=True, policy=job_retry_policy(settings)
+                engine,
+                claim,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+                retryable=True,
+                policy=job_retry_policy(settings),
             )
         except Exception:
             os._exit(EXIT_HANDLER_ERROR)

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
@@ -113,7 +114,12 @@ class CrewDaemon:
 
     def run(self, *, once: bool = False) -> None:
         """Work until stopped (or, with `once`, until no email is queued or running)."""
-        log.info("crew daemon %s: %d workers, handler %s", self.owner, self.workers, self.settings.workers.handler)
+        log.info(
+            "crew daemon %s: %d workers, handler %s", self.owner, self.workers, self.settings.workers.handler
+        )
+        self._guard(
+            "fork server start", lambda: forkserver.ensure_running()
+        )  # pay the preload once, up front
         try:
             while not self._stop.is_set():
                 self.step()
@@ -205,7 +211,9 @@ class CrewDaemon:
         self._last_heartbeat = now
         with self._lock:
             claims = [r.claim for r in self.running.values()]
-        lost = jobs.renew_leases(self.engine, self.owner, claims, lease_s=self.settings.db.lease_s, clock=self.clock)
+        lost = jobs.renew_leases(
+            self.engine, self.owner, claims, lease_s=self.settings.db.lease_s, clock=self.clock
+        )
         for claim in lost:  # someone else owns it now: stop our zombie copy, record nothing
             r = self.running.get(claim.job_id)
             if r is not None and r.process.pid:
@@ -251,12 +259,16 @@ class CrewDaemon:
         stale = seen is not None and now - seen > self.settings.supervisor.heartbeat_timeout_s
         if stale and not self._supervisor_warned:
             self._supervisor_warned = True
-            log.warning("the supervisor has not been seen for %.0f s: runaway runs are not being watched", now - seen)
+            log.warning(
+                "the supervisor has not been seen for %.0f s: runaway runs are not being watched", now - seen
+            )
             from crewguard.crew import paging
 
             with db.write(self.engine) as conn:
                 paging.notify_manager(
-                    conn, text=f"crewguard supervisor down: no heartbeat for {now - seen:.0f} s", settings=self.settings
+                    conn,
+                    text=f"crewguard supervisor down: no heartbeat for {now - seen:.0f} s",
+                    settings=self.settings,
                 )
         elif seen is not None and not stale:
             self._supervisor_warned = False
@@ -281,4 +293,3 @@ class CrewDaemon:
         with self._lock:
             self.running.clear()
         self.engine.dispose()
-

@@ -18,7 +18,9 @@ RESTART_BACKOFF_S = 2.0
 
 
 def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     for noisy in ("httpx", "openai", "LiteLLM", "crewai", "opentelemetry", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
