@@ -72,7 +72,9 @@ def kickoff(base_url: str) -> None:
 
     llm = LLM(model="openai/gpt-4o-mini", base_url=base_url, api_key="sk-bench", timeout=10, max_retries=0)
     agent = Agent(role="router", goal="route", backstory="desk", llm=llm, tools=[lookup_sender_history])
-    Crew(agents=[agent], tasks=[Task(description=EMAIL, expected_output="JSON", agent=agent, name="route")]).kickoff()
+    Crew(
+        agents=[agent], tasks=[Task(description=EMAIL, expected_output="JSON", agent=agent, name="route")]
+    ).kickoff()
 
 
 def pct(values: list[float], p: float) -> float:
@@ -82,7 +84,7 @@ def pct(values: list[float], p: float) -> float:
 
 def summary(name: str, values: list[float], unit: str = "ms", scale: float = 1000.0) -> None:
     v = [x * scale for x in values]
-    print(f"{name}: n={len(v)} p50={pct(v, 50):.1f}{unit} p95={pct(v, 95):.1f}{unit} max={max(v):.1f}{unit} "
+    print(f"{name}: n={len(v)} p50={pct(v, 50):.1f}{unit} p95={pct(v, 95):.1f}{unit} max={max(v):.1f}{unit} min={min(v):.1f}{unit} "
           f"mean={statistics.mean(v):.1f}{unit}")  # fmt: skip
 
 
@@ -99,7 +101,11 @@ def feed_latency(engine: sa.Engine, calls: int) -> None:
             with db.read(engine) as conn:
                 rows = conn.execute(
                     sa.select(trace_events.c.id, trace_events.c.span_id)
-                    .where(trace_events.c.id > last, trace_events.c.kind == "LLM", trace_events.c.phase == "start")
+                    .where(
+                        trace_events.c.id > last,
+                        trace_events.c.kind == "LLM",
+                        trace_events.c.phase == "start",
+                    )
                     .order_by(trace_events.c.id)
                 ).all()
             now = time.time()
@@ -121,7 +127,9 @@ def feed_latency(engine: sa.Engine, calls: int) -> None:
     sim.stop()
     visible = sorted(seen.values())
     n = min(len(visible), len(sim.arrivals))
-    summary("(1) LLM request arrival -> feed start row visible", [visible[i] - sim.arrivals[i] for i in range(n)])
+    summary(
+        "(1) LLM request arrival -> feed start row visible", [visible[i] - sim.arrivals[i] for i in range(n)]
+    )
     print(f"    feed stats: {handle.stats()}")
 
 
@@ -159,7 +167,8 @@ def shutdown_delay(engine: sa.Engine, trials: int) -> None:
     closed.bind(("127.0.0.1", 0))
     refused_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
     closed.close()
-    failing = LangfuseStandin(port=0, public_key="pk-bench", secret_key="sk-bench").start()
+    keys = os.environ["LANGFUSE_PUBLIC_KEY"], os.environ["LANGFUSE_SECRET_KEY"]
+    failing = LangfuseStandin(0, *keys).start()
     failing.fail_next(10_000, 503)
     cases = {
         "refused": refused_url,
@@ -191,7 +200,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, LangfuseStandin(port=0) as standin:
         os.environ.update(
-            LANGFUSE_PUBLIC_KEY=standin.public_key, LANGFUSE_SECRET_KEY=standin.secret_key, LANGFUSE_BASE_URL=standin.base_url
+            LANGFUSE_PUBLIC_KEY=standin.public_key,
+            LANGFUSE_SECRET_KEY=standin.secret_key,
+            LANGFUSE_BASE_URL=standin.base_url,
         )
         engine = db.open_engine(db.default_sqlite_url(tmp))
         feed_latency(engine, args.calls)

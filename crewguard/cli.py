@@ -148,7 +148,7 @@ def cmd_review_requeue(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_incidents_list(args: argparse.Namespace, settings: Settings) -> int:
-    from crewguard.supervisor.incidents import list_incidents
+    from crewguard.crew.ledger.queries import list_incidents
 
     rows = list_incidents(_engine(settings))
     if args.json:
@@ -200,7 +200,7 @@ def cmd_intake_add(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_crew_run(args: argparse.Namespace, settings: Settings) -> int:
     from crewguard.crew.workers.runner import run_crew_daemon
 
-    run_crew_daemon(settings, once=args.once, workers=args.workers)
+    run_crew_daemon(settings, once=args.once, workers=args.workers, config_path=args.config_file)
     return 0
 
 
@@ -226,7 +226,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_llm_sim(args: argparse.Namespace, settings: Settings) -> int:
     from crewguard.llm_sim import serve
 
-    serve(args.host, args.port, args.latency)
+    serve(args.host, args.port, args.latency, default_scenario=args.scenario)
     return 0
 
 
@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="crewguard",
         description="An email-triage crew (CrewAI) that keeps working in production.",
     )
-    parser.add_argument("--config", dest="config_file", help="crewguard.yaml (default: $CREWGUARD_CONFIG or the packaged one)")
+    parser.add_argument(
+        "--config", dest="config_file", help="crewguard.yaml (default: $CREWGUARD_CONFIG or the packaged one)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Command, help_: str, parent: Any = sub) -> argparse.ArgumentParser:
@@ -246,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "the whole system on the embedded default with a sample mailbox")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--data-dir", default=None, help="keep the demo's ledger here (default: a temporary folder)")
+    p.add_argument(
+        "--data-dir", default=None, help="keep the demo's ledger here (default: a temporary folder)"
+    )
     p.add_argument("--keep", action="store_true", help="do not delete the temporary folder")
     p = add("up", cmd_up, "crew daemon and supervisor together, as two processes")
     p.add_argument("--workers", type=int, default=None)
@@ -260,18 +264,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_supervisor_run, "watch runs for loops, token spikes and stalls", sup)
     p.add_argument("--once", action="store_true", help="one scan, then exit")
 
-    intake = sub.add_parser("intake", help="bring emails in").add_subparsers(dest="intake_command", required=True)
+    intake = sub.add_parser("intake", help="bring emails in").add_subparsers(
+        dest="intake_command", required=True
+    )
     p = add("add", cmd_intake_add, "enqueue .eml files", intake)
     p.add_argument("files", nargs="+")
 
     p = add("status", cmd_status, "emails by state, queue, running jobs, incidents, supervisor heartbeat")
     p.add_argument("--json", action="store_true")
 
-    tickets = sub.add_parser("tickets", help="tickets created").add_subparsers(dest="t_command", required=True)
+    tickets = sub.add_parser("tickets", help="tickets created").add_subparsers(
+        dest="t_command", required=True
+    )
     p = add("list", cmd_tickets_list, "tickets with email key, team, category, sink, external id", tickets)
     p.add_argument("--json", action="store_true")
 
-    review = sub.add_parser("review", help="the human review queue").add_subparsers(dest="r_command", required=True)
+    review = sub.add_parser("review", help="the human review queue").add_subparsers(
+        dest="r_command", required=True
+    )
     p = add("list", cmd_review_list, "open review items", review)
     p.add_argument("--json", action="store_true")
     p.add_argument("--all", action="store_true", help="include resolved and requeued items")
@@ -284,11 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("requeue", cmd_review_requeue, "send the email through the crew again", review)
     p.add_argument("id", type=int)
 
-    incidents = sub.add_parser("incidents", help="what the supervisor found").add_subparsers(dest="i_command", required=True)
+    incidents = sub.add_parser("incidents", help="what the supervisor found").add_subparsers(
+        dest="i_command", required=True
+    )
     p = add("list", cmd_incidents_list, "incidents with kind, run, email and action", incidents)
     p.add_argument("--json", action="store_true")
 
-    audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(dest="a_command", required=True)
+    audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(
+        dest="a_command", required=True
+    )
     add("verify", cmd_audit_verify, "verify the hash chain and signed checkpoints", audit)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="c_command", required=True)
@@ -298,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to every response")
+    p.add_argument("--scenario", default="normal", help="behaviour when a request names none ([[sim:NAME]])")
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -121,3 +122,20 @@ def list_tickets(engine: Engine) -> list[dict[str, Any]]:
     """Every ticket, oldest first."""
     with db.read(engine) as conn:
         return [dict(r._mapping) for r in conn.execute(select(tickets).order_by(tickets.c.id))]
+
+
+def list_incidents(engine: Engine, state: str | None = None) -> list[dict[str, Any]]:
+    """Incidents, newest first, with the evidence decoded (for `crewguard incidents list`)."""
+    from crewguard.crew.ledger.schema import incidents
+
+    stmt = select(incidents).order_by(incidents.c.id.desc())
+    if state is not None:
+        stmt = stmt.where(incidents.c.state == state)
+    with db.read(engine) as conn:
+        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+    for row in rows:
+        try:
+            row["evidence"] = json.loads(row["evidence"]) if row["evidence"] else None
+        except ValueError:
+            pass  # keep the stored text as it is
+    return rows

@@ -25,10 +25,11 @@ from typing import Protocol
 from sqlalchemy import Engine, func, select
 
 from crewguard.clock import SYSTEM_CLOCK, Clock
-from crewguard.crew.ledger import db, heartbeats, jobs
+from crewguard.crew.ledger import audit, db, heartbeats, jobs
 from crewguard.crew.ledger.schema import JOB_QUEUED, JOB_RUNNING
 from crewguard.crew.ledger.schema import jobs as jobs_table
 from crewguard.crew.workers import child, procgroup
+from crewguard.crew.workers.config_reload import ConfigReloader
 from crewguard.crew.workers.handlers import job_retry_policy
 from crewguard.settings import Settings
 
@@ -45,6 +46,8 @@ for _name, _value in {
 TICK_S = 0.1
 #: How often the supervisor's heartbeat is checked.
 SUPERVISOR_CHECK_S = 10.0
+#: How often a signed audit checkpoint is considered (one is written every audit.checkpoint_every entries).
+CHECKPOINT_S = 30.0
 
 
 class Intake(Protocol):
@@ -85,9 +88,11 @@ class CrewDaemon:
         engine: Engine | None = None,
         workers: int | None = None,
         intakes: list[Intake] | None = None,
+        config_path: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
+        self.config = ConfigReloader(config_path, settings)
         self.engine = engine or db.open_engine(settings.db_url)
         self.workers = workers or settings.workers.count
         self.intakes = intakes if intakes is not None else []
@@ -102,6 +107,7 @@ class CrewDaemon:
         self._mp.set_forkserver_preload(list(settings.workers.preload))
         self._last_heartbeat = 0.0
         self._last_supervisor_check = 0.0
+        self._last_checkpoint = 0.0
         self._supervisor_warned = False
 
     # --- lifecycle -----------------------------------------------------------------
@@ -131,12 +137,14 @@ class CrewDaemon:
 
     def step(self) -> None:
         """One turn of the loop; every part degrades on its own when its dependency fails."""
+        self.settings = self.config.current()
         self._guard("intake", self._poll_intakes)
         self._guard("reap", self._reap_children)
         self._guard("heartbeat", self._heartbeat)
         self._guard("kill requests", self._honour_kill_requests)
         self._guard("claim", self._claim_and_start)
         self._guard("supervisor check", self._check_supervisor)
+        self._guard("audit checkpoint", self._checkpoint)
 
     def _guard(self, what: str, fn: Callable[[], object]) -> None:
         try:
@@ -273,6 +281,28 @@ class CrewDaemon:
         elif seen is not None and not stale:
             self._supervisor_warned = False
 
+    def _checkpoint(self, *, force: bool = False) -> None:
+        now = self.clock.now()
+        if not force and now - self._last_checkpoint < CHECKPOINT_S:
+            return
+        self._last_checkpoint = now
+        try:
+            audit.maybe_checkpoint(
+                self.engine,
+                key_path=self.settings.audit_key_path,
+                checkpoint_dir=self.settings.checkpoint_dir,
+                every=1 if force else self.settings.audit.checkpoint_every,
+                clock=self.clock,
+            )
+        except audit.AuditIntegrityError as exc:  # never sign a broken chain; tell a human
+            log.error("audit log integrity check failed: %s", exc)
+            from crewguard.crew import paging
+
+            with db.write(self.engine) as conn:
+                paging.notify_manager(
+                    conn, text=f"crewguard audit log integrity check FAILED: {exc}", settings=self.settings
+                )
+
     def _ledger_idle(self) -> bool:
         with db.read(self.engine) as conn:
             busy = conn.execute(
@@ -292,4 +322,5 @@ class CrewDaemon:
         self._reap_children()
         with self._lock:
             self.running.clear()
+        self._guard("audit checkpoint", lambda: self._checkpoint(force=True))
         self.engine.dispose()

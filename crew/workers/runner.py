@@ -35,9 +35,11 @@ def build_intakes(settings: Settings, engine) -> list[Intake]:  # type: ignore[n
     return intakes
 
 
-def run_crew_daemon(settings: Settings, *, once: bool = False, workers: int | None = None) -> CrewDaemon:
+def run_crew_daemon(
+    settings: Settings, *, once: bool = False, workers: int | None = None, config_path: str | None = None
+) -> CrewDaemon:
     configure_logging()
-    daemon = CrewDaemon(settings, workers=workers)
+    daemon = CrewDaemon(settings, workers=workers, config_path=config_path)
     daemon.intakes = build_intakes(settings, daemon.engine)
     daemon.install_signal_handlers()
     daemon.run(once=once)

@@ -9,12 +9,12 @@ import sys
 import time
 
 from sqlalchemy import select
-from sv_helpers import make_settings
 
 from crewguard.crew.ledger import db
 from crewguard.crew.ledger.db import open_engine
 from crewguard.crew.ledger.schema import heartbeats
 from crewguard.supervisor.daemon import run_supervisor
+from tests.supervisor.sv_helpers import make_settings
 
 CHILD = """
 import sys

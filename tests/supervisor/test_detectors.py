@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from sv_helpers import T0, llm, make_settings, run, tool
-
 from crewguard.supervisor.detectors.error_burst import ErrorBurstDetector
 from crewguard.supervisor.detectors.loop import LoopDetector, find_cycle
 from crewguard.supervisor.detectors.queue import QueueDetector
 from crewguard.supervisor.detectors.stall import StallDetector
 from crewguard.supervisor.detectors.token_spike import TokenSpikeDetector
 from crewguard.supervisor.model import FleetStats, RunningJob, Snapshot
+from tests.supervisor.sv_helpers import T0, llm, make_settings, run, tool
 
 SETTINGS = make_settings()
 DET = SETTINGS.supervisor.detectors

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from sqlalchemy import select
-from sv_helpers import T0, make_settings
 
 from crewguard.clock import FakeClock
 from crewguard.crew.ledger import db
@@ -14,6 +13,7 @@ from crewguard.crew.ledger.schema import audit_log, incidents, pages
 from crewguard.supervisor.actions import incidents as inc
 from crewguard.supervisor.model import Finding, Snapshot
 from crewguard.supervisor.scan import Supervisor
+from tests.supervisor.sv_helpers import T0, make_settings
 
 QUEUE = Finding(
     kind="queue_depth", dedupe_key="queue_depth:review", summary="review queue holds 30", action="page"

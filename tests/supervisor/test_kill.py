@@ -10,7 +10,6 @@ import subprocess
 
 import pytest
 from sqlalchemy import select
-from sv_helpers import T0, make_settings, start_run
 
 from crewguard.clock import FakeClock
 from crewguard.crew.ledger import db, jobs
@@ -19,6 +18,7 @@ from crewguard.crew.ledger.heartbeats import beat, crew_component
 from crewguard.crew.ledger.schema import audit_log, emails, incidents, pages, review_items, runs
 from crewguard.crew.ledger.schema import jobs as jobs_table
 from crewguard.supervisor.scan import Supervisor
+from tests.supervisor.sv_helpers import T0, make_settings, start_run
 
 HOST = socket.gethostname()
 

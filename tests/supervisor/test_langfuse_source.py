@@ -15,7 +15,6 @@ from langfuse.api.opentelemetry.types import (
     OtelScopeSpan,
     OtelSpan,
 )
-from sv_helpers import make_settings
 
 from crewguard.clock import FakeClock
 from crewguard.standins.langfuse import LangfuseStandin
@@ -24,6 +23,7 @@ from crewguard.supervisor.model import ActiveRun, Snapshot
 from crewguard.supervisor.sources import SourceUnavailable
 from crewguard.supervisor.sources import langfuse as lf_source
 from crewguard.supervisor.sources.langfuse import LangfuseSource
+from tests.supervisor.sv_helpers import make_settings
 
 _ids = iter(range(1, 10_000))
 

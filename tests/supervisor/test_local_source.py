@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from sv_helpers import T0, feed, llm_events, start_run, tool_events
-
 from crewguard.clock import FakeClock
 from crewguard.crew.ledger.db import open_engine
 from crewguard.supervisor.model import ActiveRun
 from crewguard.supervisor.sources.local import LocalFeedSource
+from tests.supervisor.sv_helpers import T0, feed, llm_events, start_run, tool_events
 
 
 def active(claim, started_at=T0) -> dict[str, ActiveRun]:

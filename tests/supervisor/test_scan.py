@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 from sqlalchemy import select
-from sv_helpers import T0, feed, llm_events, make_settings, start_run, tool_events
 
 from crewguard.clock import FakeClock
 from crewguard.crew import paging
@@ -17,6 +16,7 @@ from crewguard.supervisor.daemon import SupervisorDaemon
 from crewguard.supervisor.scan import Supervisor
 from crewguard.supervisor.sources import SourceUnavailable
 from crewguard.supervisor.sources.local import LocalFeedSource
+from tests.supervisor.sv_helpers import T0, feed, llm_events, make_settings, start_run, tool_events
 
 
 def keep_alive(engine, clock, claim, owner="host:1"):

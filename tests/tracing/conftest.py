@@ -87,6 +87,8 @@ def kickoff(base_url: str, email_text: str = EMAIL_TEXT) -> Any:
         return f"no earlier tickets from {sender}"
 
     llm = LLM(model="openai/gpt-4o-mini", base_url=base_url, api_key="sk-test", timeout=10, max_retries=0)
-    agent = Agent(role="router", goal="route email", backstory="support desk", llm=llm, tools=[lookup_sender_history])
+    agent = Agent(
+        role="router", goal="route email", backstory="support desk", llm=llm, tools=[lookup_sender_history]
+    )
     task = Task(description=email_text, expected_output="JSON", agent=agent, name="route")
     return Crew(agents=[agent], tasks=[task]).kickoff()

@@ -30,14 +30,19 @@ def test_flow_steps_and_events_reach_the_feed_on_both_engines(ledger_url) -> Non
             raise RuntimeError("sink down")
     assert handle.shutdown(timeout_s=5.0)
     with db.read(ledger.engine) as conn:
-        rows = conn.execute(sa.select(trace_events).where(trace_events.c.run_id == run_id).order_by(trace_events.c.id)).all()
+        rows = conn.execute(
+            sa.select(trace_events).where(trace_events.c.run_id == run_id).order_by(trace_events.c.id)
+        ).all()
         run = conn.execute(sa.select(runs).where(runs.c.id == run_id)).one()
     ends = [(r.name, json.loads(r.attributes)) for r in rows if r.phase == "end"]
     assert ends == [
         ("ticket.create", {"step": "ticket.create", "attempt": 1, "sink": "helpdesk"}),
         ("retry", {"step": "retry", "attempt": 2, "delay_s": 0.5, "error": "call [email]"}),
         ("ticket.create", {"step": "ticket.create", "attempt": 2, "error": "RuntimeError: sink down"}),
-        ("crewguard.email", {"step": "run", "email_key": ledger.claim.email_key, "error": "RuntimeError: sink down"}),
+        (
+            "crewguard.email",
+            {"step": "run", "email_key": ledger.claim.email_key, "error": "RuntimeError: sink down"},
+        ),
     ]
     assert {r.kind for r in rows} == {"FLOW"} and len(rows) == 8
     assert run.llm_calls == 0 and run.last_progress_at is not None
@@ -50,7 +55,14 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking(sqlite_url) -> None:
     raw.driver_connection.isolation_level = None
     raw.driver_connection.execute("BEGIN IMMEDIATE")  # the ledger is locked: nothing drains
     writer = FeedWriter(ledger.engine, UsageBook(), queue_max=3)
-    row = {"run_id": ledger.claim.run_id, "span_id": "0" * 16, "phase": "start", "kind": "FLOW", "name": "x", "at": 1.0}
+    row = {
+        "run_id": ledger.claim.run_id,
+        "span_id": "0" * 16,
+        "phase": "start",
+        "kind": "FLOW",
+        "name": "x",
+        "at": 1.0,
+    }
     for _ in range(20):
         writer.submit(dict(row))
     assert writer.dropped >= 20 - 3 - 1  # one may already be in the writer's hands
@@ -82,7 +94,9 @@ def test_usage_book_gives_back_a_failed_write() -> None:
     part = book.take_pending()
     book.add("r", RunUsage(tool_calls=1, progress_at=6.0))
     book.give_back(part)
-    assert book.take_pending() == {"r": RunUsage(llm_calls=1, tool_calls=1, prompt_tokens=10, progress_at=6.0)}
+    assert book.take_pending() == {
+        "r": RunUsage(llm_calls=1, tool_calls=1, prompt_tokens=10, progress_at=6.0)
+    }
     assert book.totals("r") == RunUsage(llm_calls=1, tool_calls=1, prompt_tokens=10, progress_at=6.0)
 
 
@@ -106,10 +120,18 @@ def test_attribute_patch_per_mode() -> None:
     assert attribute_patch(attrs, "contacts") == ({"input.value": '{"q": "[email]"}'}, [])
     patched, _ = attribute_patch(attrs, "bodies")
     assert list(patched) == ["input.value"] and patched["input.value"].startswith("<removed sha256=")
-    assert attribute_patch({"input.value": "same"}, "bodies") == attribute_patch({"input.value": "same"}, "bodies")
+    assert attribute_patch({"input.value": "same"}, "bodies") == attribute_patch(
+        {"input.value": "same"}, "bodies"
+    )
 
 
 def test_normalization_makes_equal_calls_equal() -> None:
-    assert normalize_json_text('{"b": 1,  "a": "x   y"}') == normalize_json_text('{"a":"x y","b":1}') == '{"a":"x y","b":1}'
+    assert (
+        normalize_json_text('{"b": 1,  "a": "x   y"}')
+        == normalize_json_text('{"a":"x y","b":1}')
+        == '{"a":"x y","b":1}'
+    )
     assert normalize_json_text("not  json\n") == "not json"
-    assert prompt_sha('[{"role": "user", "content": "hi  there"}]') == prompt_sha('[{"content":"hi there","role":"user"}]')
+    assert prompt_sha('[{"role": "user", "content": "hi  there"}]') == prompt_sha(
+        '[{"content":"hi there","role":"user"}]'
+    )

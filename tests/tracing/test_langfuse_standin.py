@@ -24,7 +24,9 @@ def client(standin: LangfuseStandin, **kwargs) -> Langfuse:
     from langfuse._client.resource_manager import LangfuseResourceManager
 
     LangfuseResourceManager._instances.pop(standin.public_key, None)  # one SDK client per key and process
-    return Langfuse(public_key=standin.public_key, secret_key=standin.secret_key, base_url=standin.base_url, **kwargs)
+    return Langfuse(
+        public_key=standin.public_key, secret_key=standin.secret_key, base_url=standin.base_url, **kwargs
+    )
 
 
 def send_session(standin: LangfuseStandin, session: str, tools: int) -> None:
@@ -35,7 +37,10 @@ def send_session(standin: LangfuseStandin, session: str, tools: int) -> None:
                 with lf.start_as_current_observation(as_type="tool", name="lookup", input={"q": i}):
                     pass
             with lf.start_as_current_observation(
-                as_type="generation", name="llm", model="gpt-4o-mini", usage_details={"input": 120, "output": 30}
+                as_type="generation",
+                name="llm",
+                model="gpt-4o-mini",
+                usage_details={"input": 120, "output": 30},
             ):
                 pass
     lf.shutdown()
@@ -47,7 +52,9 @@ def test_sdk_spans_become_observations_read_back_page_by_page(standin) -> None:
     api = client(standin, tracing_enabled=False).api
     seen, cursor, pages = [], None, 0
     while True:
-        page = api.observations.get_many(session_id="s-1", fields="core,basic,usage,metadata,model", limit=3, cursor=cursor)
+        page = api.observations.get_many(
+            session_id="s-1", fields="core,basic,usage,metadata,model", limit=3, cursor=cursor
+        )
         seen.extend(page.data)
         pages += 1
         cursor = page.meta.cursor
@@ -57,21 +64,34 @@ def test_sdk_spans_become_observations_read_back_page_by_page(standin) -> None:
     assert pages == 3 and len({o.id for o in seen}) == len(seen) == 8
     assert [o.start_time for o in seen] == sorted((o.start_time for o in seen), reverse=True)
     generation = next(o for o in seen if o.type == "GENERATION")
-    assert generation.usage_details == {"input": 120, "output": 30, "total": 150} and generation.model == "gpt-4o-mini"
+    assert (
+        generation.usage_details == {"input": 120, "output": 30, "total": 150}
+        and generation.model == "gpt-4o-mini"
+    )
     assert {o.metadata["email_key"] for o in seen} == {"k-s-1"}
     only_tools = api.observations.get_many(
         filter=json.dumps(
             [
                 {"type": "string", "column": "type", "operator": "=", "value": "TOOL"},
-                {"type": "stringObject", "column": "metadata", "key": "email_key", "operator": "=", "value": "k-s-2"},
+                {
+                    "type": "stringObject",
+                    "column": "metadata",
+                    "key": "email_key",
+                    "operator": "=",
+                    "value": "k-s-2",
+                },
             ]
         ),
         fields="core,basic,io",
     )
-    assert [(o.type, o.session_id, json.loads(o.input)) for o in only_tools.data] == [("TOOL", "s-2", {"q": 0})]
+    assert [(o.type, o.session_id, json.loads(o.input)) for o in only_tools.data] == [
+        ("TOOL", "s-2", {"q": 0})
+    ]
     roots = api.observations.get_many(is_root_observation=True, fields="core,basic")
     assert sorted(o.name for o in roots.data) == ["email-task", "email-task"]
-    assert "usageDetails" not in api.observations.get_many(limit=1).data[0].model_dump(by_alias=True, exclude_unset=True)
+    assert "usageDetails" not in api.observations.get_many(limit=1).data[0].model_dump(
+        by_alias=True, exclude_unset=True
+    )
 
 
 def test_auth_health_projects_and_scores(standin) -> None:
@@ -83,7 +103,9 @@ def test_auth_health_projects_and_scores(standin) -> None:
     assert [(s["name"], s.get("sessionId")) for s in standin.scores] == [("supervisor_kill", "s-9")]
     wrong = httpx.get(f"{standin.base_url}/api/public/v2/observations", auth=("pk-lf-t", "nope"))
     assert wrong.status_code == 401 and "message" in wrong.json()
-    too_many = httpx.get(f"{standin.base_url}/api/public/v2/observations?limit=1001", auth=("pk-lf-t", "sk-lf-t"))
+    too_many = httpx.get(
+        f"{standin.base_url}/api/public/v2/observations?limit=1001", auth=("pk-lf-t", "sk-lf-t")
+    )
     assert too_many.status_code == 400
 
 
@@ -94,7 +116,9 @@ def test_injected_failures_and_retry_after(standin) -> None:
     with pytest.raises(ApiError) as err:
         api.observations.get_many(request_options={"max_retries": 0})
     assert err.value.status_code == 429 and err.value.headers.get("retry-after") == "7"
-    assert api.observations.get_many(request_options={"max_retries": 0}).data == []  # only the next one failed
+    assert (
+        api.observations.get_many(request_options={"max_retries": 0}).data == []
+    )  # only the next one failed
 
 
 def test_otlp_json_ingestion(standin) -> None:
@@ -110,8 +134,14 @@ def test_otlp_json_ingestion(standin) -> None:
             {"key": "input.value", "value": {"stringValue": '{"query": "same"}'}},
         ],
     }
-    body = {"resourceSpans": [{"resource": {}, "scopeSpans": [{"scope": {"name": "openinference"}, "spans": [span]}]}]}
-    response = httpx.post(f"{standin.base_url}/api/public/otel/v1/traces", json=body, auth=("pk-lf-t", "sk-lf-t"))
+    body = {
+        "resourceSpans": [
+            {"resource": {}, "scopeSpans": [{"scope": {"name": "openinference"}, "spans": [span]}]}
+        ]
+    }
+    response = httpx.post(
+        f"{standin.base_url}/api/public/otel/v1/traces", json=body, auth=("pk-lf-t", "sk-lf-t")
+    )
     assert response.status_code == 200
     [row] = standin.observations()
     assert (row["type"], row["sessionId"], row["latency"], row["startTime"]) == (

@@ -43,7 +43,9 @@ def traced_run(ledger: LedgerRun, llm_url: str, **settings: Any) -> tuple[Any, A
 def feed_rows(ledger: LedgerRun) -> list[dict[str, Any]]:
     with db.read(ledger.engine) as conn:
         rows = conn.execute(
-            sa.select(trace_events).where(trace_events.c.run_id == ledger.claim.run_id).order_by(trace_events.c.id)
+            sa.select(trace_events)
+            .where(trace_events.c.run_id == ledger.claim.run_id)
+            .order_by(trace_events.c.id)
         ).all()
     return [{**row._mapping, "attributes": json.loads(row.attributes)} for row in rows]
 
@@ -53,7 +55,10 @@ def read_back(standin: Any, run_id: str) -> list[Any]:
     from langfuse import Langfuse
 
     client = Langfuse(
-        public_key=standin.public_key, secret_key=standin.secret_key, base_url=standin.base_url, tracing_enabled=False
+        public_key=standin.public_key,
+        secret_key=standin.secret_key,
+        base_url=standin.base_url,
+        tracing_enabled=False,
     )
     out, cursor = [], None
     while True:
@@ -88,12 +93,17 @@ def test_kickoff_reaches_langfuse_and_the_local_feed(ledger_run, scenario_llm, l
     llm_starts = [r for r in rows if r["kind"] == "LLM" and r["phase"] == "start"]
     llm_ends = [r for r in rows if r["kind"] == "LLM" and r["phase"] == "end"]
     assert len(llm_starts) == len(llm_ends) == len(generations)
-    assert all(r["attributes"]["model"] == "gpt-4o-mini" and len(r["attributes"]["prompt_sha"]) == 64 for r in llm_starts)
+    assert all(
+        r["attributes"]["model"] == "gpt-4o-mini" and len(r["attributes"]["prompt_sha"]) == 64
+        for r in llm_starts
+    )
     assert len({r["attributes"]["prompt_sha"] for r in llm_starts}) == len(llm_starts)  # the prompt grows
     tool_start = next(r for r in rows if r["kind"] == "TOOL" and r["phase"] == "start")
     assert tool_start["attributes"] == {"tool": "lookup_sender_history", "args": '{"sender":"[email]"}'}
     ids = {r["span_id"]: r["id"] for r in rows if r["phase"] == "start"}
-    assert all(ids[r["span_id"]] < r["id"] for r in rows if r["phase"] == "end")  # a start is seen before its end
+    assert all(
+        ids[r["span_id"]] < r["id"] for r in rows if r["phase"] == "end"
+    )  # a start is seen before its end
     flow = [r["attributes"] for r in rows if r["kind"] == "FLOW" and r["phase"] == "end"]
     assert {"step": "retry", "attempt": 2, "delay_s": 1.3, "error": "ticket sink timed out"} in flow
     assert {"step": "classify.llm", "attempt": 1, "classifier": "llm"} in flow
@@ -103,7 +113,10 @@ def test_kickoff_reaches_langfuse_and_the_local_feed(ledger_run, scenario_llm, l
     prompt = sum(r["attributes"]["prompt_tokens"] for r in llm_ends)
     completion = sum(r["attributes"]["completion_tokens"] for r in llm_ends)
     assert (run.llm_calls, run.tool_calls, run.prompt_tokens, run.completion_tokens) == (
-        len(llm_starts), 1, prompt, completion
+        len(llm_starts),
+        1,
+        prompt,
+        completion,
     )
     assert run.cost_usd == pytest.approx(prompt / 1000 * 0.15 + completion / 1000 * 0.6)
     assert run.last_progress_at == pytest.approx(max(r["at"] for r in rows[:-1]), abs=1.0)
@@ -151,7 +164,9 @@ def closed_port_url() -> str:
 
 
 @pytest.mark.parametrize("failure", ["refused", "blackhole", "503", "429", "401", "down"])
-def test_langfuse_failures_never_fail_the_run(failure, request, monkeypatch, ledger_run, scenario_llm, langfuse_standin) -> None:
+def test_langfuse_failures_never_fail_the_run(
+    failure, request, monkeypatch, ledger_run, scenario_llm, langfuse_standin
+) -> None:
     if failure == "refused":
         monkeypatch.setenv("LANGFUSE_BASE_URL", closed_port_url())
     elif failure == "blackhole":
