@@ -89,10 +89,12 @@ def summary(name: str, values: list[float], unit: str = "ms", scale: float = 100
 
 
 def feed_latency(engine: sa.Engine, calls: int) -> None:
-    """(1) request arrival at the LLM -> LLM start row visible to a reader of the ledger."""
+    """(1) request arrival at the LLM -> LLM start row visible to a reader of the ledger.
+
+    Calls inside one run are sequential, so a run's k-th request pairs with its k-th LLM start row."""
     sim = TimedLLM().start()
     handle = start_tracing(settings(langfuse=False), engine)
-    seen: dict[str, float] = {}
+    seen: dict[str, list[tuple[int, float]]] = {}  # run id -> (row id, first seen at)
     stop = threading.Event()
 
     def watch() -> None:
@@ -100,7 +102,7 @@ def feed_latency(engine: sa.Engine, calls: int) -> None:
         while not stop.is_set():
             with db.read(engine) as conn:
                 rows = conn.execute(
-                    sa.select(trace_events.c.id, trace_events.c.span_id)
+                    sa.select(trace_events.c.id, trace_events.c.run_id)
                     .where(
                         trace_events.c.id > last,
                         trace_events.c.kind == "LLM",
@@ -110,27 +112,33 @@ def feed_latency(engine: sa.Engine, calls: int) -> None:
                 ).all()
             now = time.time()
             for row in rows:
-                seen.setdefault(row.span_id, now)
+                seen.setdefault(row.run_id, []).append((row.id, now))
                 last = row.id
             time.sleep(POLL_S)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    spans_of_run: list[tuple[str, int, int]] = []  # run id, first and last arrival index
     while len(sim.arrivals) < calls:
         claim = new_run(engine)
+        first = len(sim.arrivals)
         with handle.run_scope(run_id=claim.run_id, email_key=claim.email_key, job_id=claim.job_id):
             kickoff(sim.base_url)
+        spans_of_run.append((claim.run_id, first, len(sim.arrivals)))
     time.sleep(0.2)
     stop.set()
     watcher.join()
     handle.shutdown(2.0)
     sim.stop()
-    visible = sorted(seen.values())
-    n = min(len(visible), len(sim.arrivals))
-    summary(
-        "(1) LLM request arrival -> feed start row visible", [visible[i] - sim.arrivals[i] for i in range(n)]
-    )
-    print(f"    feed stats: {handle.stats()}")
+    latencies, unpaired = [], 0
+    for run_id, first, last in spans_of_run:
+        rows = sorted(seen.get(run_id, []))
+        if len(rows) != last - first:
+            unpaired += 1
+            continue
+        latencies.extend(at - sim.arrivals[first + k] for k, (_, at) in enumerate(rows))
+    summary("(1) LLM request arrival -> feed start row visible", latencies)
+    print(f"    runs not paired: {unpaired}; feed stats: {handle.stats()}")
 
 
 def overhead(engine: sa.Engine, rounds: int, standin: LangfuseStandin) -> None:

@@ -544,6 +544,13 @@ def verify_with_settings(settings: Settings) -> VerifyResult:
 
     engine = open_engine(settings.db_url, create=False)
     try:
+        public_key = public_key_path_for(settings.audit_key_path)
+        if not public_key.exists() and not any(Path(settings.checkpoint_dir).glob("*.checkpoint")):
+            # Nothing signed yet: anchor the log now (write_checkpoint refuses to sign a broken chain).
+            try:
+                write_checkpoint(engine, key_path=settings.audit_key_path, checkpoint_dir=settings.checkpoint_dir)
+            except AuditIntegrityError:
+                pass  # verify below reports the first bad entry
         return verify(
             engine,
             checkpoint_dir=settings.checkpoint_dir,

@@ -31,18 +31,18 @@ def client(standin: LangfuseStandin, **kwargs) -> Langfuse:
 
 def send_session(standin: LangfuseStandin, session: str, tools: int) -> None:
     lf = client(standin)
-    with lf.start_as_current_observation(as_type="agent", name="email-task"):
-        with propagate_attributes(session_id=session, metadata={"email_key": f"k-{session}"}):
-            for i in range(tools):
-                with lf.start_as_current_observation(as_type="tool", name="lookup", input={"q": i}):
-                    pass
-            with lf.start_as_current_observation(
-                as_type="generation",
-                name="llm",
-                model="gpt-4o-mini",
-                usage_details={"input": 120, "output": 30},
-            ):
+    with (
+        lf.start_as_current_observation(as_type="agent", name="email-task"),
+        propagate_attributes(session_id=session, metadata={"email_key": f"k-{session}"}),
+    ):
+        for i in range(tools):
+            with lf.start_as_current_observation(as_type="tool", name="lookup", input={"q": i}):
                 pass
+        usage = {"input": 120, "output": 30}
+        with lf.start_as_current_observation(
+            as_type="generation", name="llm", model="gpt-4o-mini", usage_details=usage
+        ):
+            pass
     lf.shutdown()
 
 
