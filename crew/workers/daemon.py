@@ -243,12 +243,12 @@ class CrewDaemon:
 
     def _kill_and_record(self, r: RunningJob, reason: str, incident_id: int | None) -> None:
         pid = r.process.pid
-        outcome = procgroup.kill_group(pid, self.settings.workers.kill_grace_s) if pid else "gone"
+        signals = procgroup.kill_group(pid, self.settings.workers.kill_grace_s) if pid else []
         r.process.join(timeout=5)
         try:
             jobs.finish_killed(self.engine, r.claim, reason=reason, incident_id=incident_id, clock=self.clock)
             self.stats.killed += 1
-            log.warning("job %s killed (%s): %s", r.claim.job_id, outcome, reason)
+            log.warning("job %s killed (%s): %s", r.claim.job_id, "+".join(signals) or "already gone", reason)
         except jobs.LeaseLost:
             pass  # it finished on its own before the signal landed
         except Exception as exc:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import time
+
+from crewguard.clock import SYSTEM_CLOCK, Clock
 
 #: prctl option that delivers a signal to us when our parent dies (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
@@ -51,21 +52,26 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
-def kill_group(pgid: int, grace_s: float) -> str:
-    """SIGTERM the group, wait up to `grace_s`, then SIGKILL. Returns "terminated", "killed" or "gone".
+def kill_group(pgid: int, grace_s: float, *, clock: Clock = SYSTEM_CLOCK) -> list[str]:
+    """SIGTERM the group, SIGKILL it if it is still there after `grace_s`; returns the signals sent.
 
     Job children are forked by the fork server, which reaps them, so a dead group disappears.
     """
+    if pgid <= 1 or pgid == os.getpgrp():
+        raise ValueError(f"refusing to kill process group {pgid}")
+    sent: list[str] = []
     if not signal_group(pgid, signal.SIGTERM):
-        return "gone"
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+        return sent
+    sent.append("SIGTERM")
+    deadline = clock.now() + grace_s
+    while clock.now() < deadline:
         if not group_alive(pgid):
-            return "terminated"
-        time.sleep(KILL_POLL_S)
-    signal_group(pgid, signal.SIGKILL)
-    for _ in range(100):
-        if not group_alive(pgid):
-            break
-        time.sleep(KILL_POLL_S)
-    return "killed"
+            return sent
+        clock.sleep(KILL_POLL_S)
+    if signal_group(pgid, signal.SIGKILL):
+        sent.append("SIGKILL")
+        for _ in range(100):  # SIGKILL is not instant: wait until the group is really gone
+            if not group_alive(pgid):
+                break
+            clock.sleep(KILL_POLL_S)
+    return sent

@@ -8,8 +8,6 @@ step is in the audit log in the same transaction as its state change.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
 from dataclasses import dataclass
 
@@ -20,6 +18,7 @@ from crewguard.crew.ledger import audit, db, jobs
 from crewguard.crew.ledger.heartbeats import crew_component
 from crewguard.crew.ledger.schema import JOB_RUNNING, heartbeats
 from crewguard.crew.ledger.schema import jobs as jobs_table
+from crewguard.crew.workers import procgroup
 from crewguard.supervisor.actions.incidents import ACTION_KILL_REQUESTED, ACTION_KILLED, reply, set_action
 from crewguard.supervisor.model import Finding, owner_dead_reason
 
@@ -100,7 +99,7 @@ def kill(
         detail = f"owner dead ({dead}) but the job runs on {job.host or 'an unknown host'}: cannot kill from {host}"
         log.warning("incident %s: %s", incident_id, detail)
         return KillOutcome(job.id, requested, False, None, detail)
-    signals = terminate_group(job.pgid, grace_s=grace_s, clock=clock)
+    signals = procgroup.kill_group(job.pgid, grace_s, clock=clock)
     claim = jobs.Claim(
         job_id=job.id,
         email_key=job.email_key,
@@ -141,39 +140,3 @@ def kill(
             f"the email is in review (item #{review_id})",
         )
     return KillOutcome(job.id, requested, True, review_id, f"killed process group {job.pgid}")
-
-
-def terminate_group(pgid: int, *, grace_s: float, clock: Clock = SYSTEM_CLOCK) -> list[str]:
-    """SIGTERM the process group, SIGKILL it after `grace_s` if it is still there; signals sent."""
-    if pgid <= 1 or pgid == os.getpgrp():
-        raise ValueError(f"refusing to kill process group {pgid}")
-    sent: list[str] = []
-    if not _signal_group(pgid, signal.SIGTERM):
-        return sent
-    sent.append("SIGTERM")
-    deadline = clock.now() + grace_s
-    while clock.now() < deadline:
-        if not _group_alive(pgid):
-            return sent
-        clock.sleep(GROUP_POLL_S)
-    if _signal_group(pgid, signal.SIGKILL):
-        sent.append("SIGKILL")
-    return sent
-
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

@@ -140,7 +140,7 @@ def test_dead_daemon_on_another_host_is_not_killed_from_here(ledger_url, tmp_pat
 def test_refuses_to_kill_its_own_process_group():
     import os
 
-    from crewguard.supervisor.actions.kill import terminate_group
+    from crewguard.crew.workers.procgroup import kill_group
 
     with pytest.raises(ValueError):
-        terminate_group(os.getpgrp(), grace_s=0)
+        kill_group(os.getpgrp(), 0)
