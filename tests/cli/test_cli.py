@@ -64,7 +64,9 @@ def test_bad_config_names_file_line_and_field(tmp_path: Path, capsys: pytest.Cap
     assert f"{path}:{line}: llm.timeout_s:" in err
 
 
-def test_config_check_reports_agents_yaml_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_check_reports_agents_yaml_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = _write_config(tmp_path, (PACKAGED_CONFIG_DIR / "crewguard.yaml").read_text())
     agents = (tmp_path / "agents.yaml").read_text().replace("max_iter: 4", "max_iter: -1", 1)
     (tmp_path / "agents.yaml").write_text(agents)
