@@ -36,7 +36,7 @@ class WorkerSettings(BaseModel):
     handler: str = "crew"  # crew | echo (the test double)
     kill_grace_s: float = 3.0  # SIGTERM -> SIGKILL of a job's process group
     poll_s: float = 0.5  # idle wait between claim attempts
-    preload: list[str] = Field(default_factory=lambda: ["crewai", "crewguard.agents.crew_factory"])
+    preload: list[str] = Field(default_factory=lambda: ["crewguard.crew.workers.warm"])  # fork-server imports
 
 
 class MaildirSettings(BaseModel):
@@ -54,6 +54,7 @@ class ImapSettings(BaseModel):
     folder: str = "INBOX"
     processed: Literal["flag", "move"] = "flag"
     processed_folder: str = "Processed"
+    processed_flag: str = "$CrewguardProcessed"  # keyword set when processed == "flag" (or "\\Seen")
     poll_s: float = 30.0
     idle_s: float = 25 * 60  # re-issue IDLE before the 29-minute limit
     reconnect_cap_s: float = 60.0
@@ -160,6 +161,7 @@ class LoopDetector(BaseModel):
     enabled: bool = True
     repeat_threshold: int = 3  # same tool call / same prompt this many times
     cycle_min_repeats: int = 2  # A-B-A-B: pattern seen this many times in a row
+    near_repeat_threshold: int = 0  # 0: off; N: one tool called with N arguments that differ only in numbers
 
 
 class TokenSpikeDetector(BaseModel):
