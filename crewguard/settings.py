@@ -15,10 +15,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+import crewguard.config as _packaged_config
 from crewguard.yamlconf import YamlError, load_yaml_with_lines
 
-#: The packaged default configuration folder (agents.yaml, tasks.yaml, crewguard.yaml).
-PACKAGED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+#: The packaged default configuration folder (agents.yaml, tasks.yaml, crewguard.yaml): the
+#: `crewguard.config` package, i.e. `config/` in a checkout, `crewguard/config/` once installed.
+PACKAGED_CONFIG_DIR = Path(_packaged_config.__file__).resolve().parent
 CONFIG_ENV = "CREWGUARD_CONFIG"
 
 
