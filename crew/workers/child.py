@@ -30,11 +30,13 @@ def _on_sigterm(_signum: int, _frame: object) -> None:
 
 
 def run_child(settings: Settings, claim_fields: dict[str, object]) -> None:
-    from crewguard.crew.ledger import db, jobs
-    from crewguard.crew.workers.handlers import JobContext, get_handler, job_retry_policy
     from crewguard.crew.workers.procgroup import become_group_leader_tied_to_parent
 
-    become_group_leader_tied_to_parent()
+    become_group_leader_tied_to_parent()  # first, before slow imports: the daemon waits for it
+
+    from crewguard.crew.ledger import db, jobs
+    from crewguard.crew.workers.handlers import JobContext, get_handler, job_retry_policy
+
     for noisy in ("crewai", "crewai.llms.base_llm", "crewai.flow.runtime", "openinference"):
         logging.getLogger(noisy).setLevel(logging.ERROR)  # our flow records what matters
     signal.signal(signal.SIGTERM, _on_sigterm)

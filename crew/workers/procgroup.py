@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from multiprocessing import forkserver
 
 from crewguard.clock import SYSTEM_CLOCK, Clock
 
@@ -20,6 +21,7 @@ def become_group_leader_tied_to_parent() -> None:
     The parent is the fork server, which itself exits when the daemon dies.
     """
     parent_pid = os.getppid()
+    _release_fork_server()
     try:
         os.setpgid(0, 0)
     except OSError:
@@ -31,6 +33,22 @@ def become_group_leader_tied_to_parent() -> None:
         pass  # not Linux: the lease still brings the job back
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(70)
+
+
+def _release_fork_server() -> None:
+    """Close our copy of the fork server's "alive" pipe (multiprocessing hands one to every child).
+
+    The fork server exits when every write end of that pipe is closed; while a job child holds
+    one, a SIGKILLed daemon leaves the server, and so the child, alive for ever.
+    """
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if server is not None and fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # not inherited (not started by a fork server)
+        server._forkserver_alive_fd = None
 
 
 def group_alive(pgid: int) -> bool:

@@ -32,6 +32,14 @@ def build_intakes(settings: Settings, engine) -> list[Intake]:  # type: ignore[n
         from crewguard.crew.intake.maildir import MaildirWatcher
 
         intakes.append(MaildirWatcher(engine, settings))
+    if settings.intake.imap.enabled:
+        from crewguard.crew.intake.imap import ImapIntake
+
+        intakes.append(ImapIntake(engine, settings))
+    if settings.intake.rabbitmq.enabled:
+        from crewguard.crew.intake.rabbitmq import RabbitIntake
+
+        intakes.append(RabbitIntake(engine, settings))
     return intakes
 
 
