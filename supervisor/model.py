@@ -71,6 +71,7 @@ class Observation:
     ended_at: float | None = None
     tool: str | None = None
     args_key: str | None = None  # hash of the normalized tool arguments
+    args_shape: str | None = None  # the same hash with numbers blanked (near repeats)
     prompt_sha: str | None = None
     model: str | None = None
     prompt_tokens: int = 0

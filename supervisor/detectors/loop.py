@@ -1,8 +1,9 @@
 """Loops: the same tool call or the same prompt repeated in a run, A-B-A-B cycles, too many LLM calls.
 
 Calls of one tool with different arguments are normal work (a search refined step by step) and
-are not loops unless they cycle. Exact repeats count anywhere in the run, not only consecutively
-(CrewAI itself only refuses an immediate repeat, research/peers.md §3).
+are not loops unless they cycle, or (when `near_repeat_threshold` is set) differ only in the numbers
+inside their texts (`q #1`, `q #2`, `q #3`: near repeats). Exact repeats count anywhere in the run,
+not only consecutively (CrewAI itself only refuses an immediate repeat, research/peers.md §3).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections import Counter
 
 from crewguard.settings import BudgetSettings
 from crewguard.settings import LoopDetector as LoopSettings
-from crewguard.supervisor.model import LLM, TOOL, Finding, Snapshot
+from crewguard.supervisor.model import LLM, TOOL, Finding, Observation, Snapshot
 
 #: Cycle periods looked for (A-B, A-B-C); period 1 is an exact repeat.
 CYCLE_PERIODS = (2, 3)
@@ -23,6 +24,7 @@ class LoopDetector:
     def __init__(self, cfg: LoopSettings, budgets: BudgetSettings) -> None:
         self.repeat_threshold = cfg.repeat_threshold
         self.cycle_min_repeats = cfg.cycle_min_repeats
+        self.near_repeat_threshold = cfg.near_repeat_threshold
         self.max_llm_calls = budgets.max_llm_calls
 
     def detect(self, snapshot: Snapshot) -> list[Finding]:
@@ -36,7 +38,10 @@ class LoopDetector:
                 ("tool", o.tool or o.name, o.args_key or "") for o in obs if o.kind == TOOL
             ]
             prompts: list[Signature] = [
-                ("prompt", o.model or "", o.prompt_sha) for o in obs if o.kind == LLM and o.prompt_sha
+                # a failed call (429, 5xx, timeout) retried with the same prompt is a retry, not a loop
+                ("prompt", o.model or "", o.prompt_sha)
+                for o in obs
+                if o.kind == LLM and o.prompt_sha and o.error is None
             ]
             repeat = self._worst_repeat(tools + prompts)
             if repeat is not None:
@@ -49,6 +54,18 @@ class LoopDetector:
                         summary=f"loop: the same {label} call repeated {n} times in run {run_id}",
                         action="kill",
                         evidence={"pattern": "repeat", "what": what, "name": name, "key": key, "count": n},
+                        **ids,
+                    )
+                )
+            elif (near := self._worst_near_repeat(obs)) is not None:
+                (name, shape), n = near
+                findings.append(
+                    Finding(
+                        kind="loop",
+                        dedupe_key=f"loop:{run_id}",
+                        summary=f"loop: tool {name} called with {n} arguments differing only in numbers in run {run_id}",
+                        action="kill",
+                        evidence={"pattern": "near_repeat", "name": name, "shape": shape, "count": n},
                         **ids,
                     )
                 )
@@ -85,6 +102,19 @@ class LoopDetector:
                     )
                 )
         return findings
+
+    def _worst_near_repeat(self, obs: list[Observation]) -> tuple[tuple[str, str], int] | None:
+        """The tool whose calls carry the most distinct arguments that are equal once numbers are blanked."""
+        if self.near_repeat_threshold <= 0:
+            return None
+        variants: dict[tuple[str, str], set[str]] = {}
+        for o in obs:
+            if o.kind == TOOL and o.args_shape and o.args_key:
+                variants.setdefault((o.tool or o.name, o.args_shape), set()).add(o.args_key)
+        if not variants:
+            return None
+        sig, keys = max(variants.items(), key=lambda item: len(item[1]))
+        return (sig, len(keys)) if len(keys) >= self.near_repeat_threshold else None
 
     def _worst_repeat(self, signatures: list[Signature]) -> tuple[Signature, int] | None:
         if len(signatures) < self.repeat_threshold:

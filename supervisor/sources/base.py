@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -11,6 +12,8 @@ from crewguard.supervisor.model import ActiveRun, Observation
 
 #: Hex characters kept from sha256 for argument and prompt keys (64 bits: collisions are not a concern).
 KEY_HEX_CHARS = 16
+#: Runs of digits, blanked when arguments are compared up to numbers (a counter the model keeps bumping).
+_DIGITS = re.compile(r"\d+")
 
 
 class SourceUnavailable(Exception):
@@ -34,3 +37,26 @@ def content_key(value: Any) -> str | None:
     if not isinstance(value, str):
         value = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(value.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
+
+
+def shape_key(value: Any) -> str | None:
+    """`content_key` of tool arguments with the numbers inside their texts blanked, so `{"q": "refund #1"}`
+    and `{"q": "refund #2"}` share it (near repeats); numeric arguments (`{"page": 2}`) stay distinct."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return content_key(_DIGITS.sub("0", value))
+    return content_key(_blank_numbers_in_texts(value))
+
+
+def _blank_numbers_in_texts(value: Any) -> Any:
+    if isinstance(value, str):
+        return _DIGITS.sub("0", value)
+    if isinstance(value, dict):
+        return {str(k): _blank_numbers_in_texts(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_blank_numbers_in_texts(v) for v in value]
+    return value

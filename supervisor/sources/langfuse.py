@@ -22,7 +22,7 @@ from langfuse.api.core.api_error import ApiError
 from crewguard.clock import SYSTEM_CLOCK, Clock
 from crewguard.settings import Settings
 from crewguard.supervisor.model import LLM, TOOL, ActiveRun, Observation, insort_observation
-from crewguard.supervisor.sources.base import SourceUnavailable, content_key
+from crewguard.supervisor.sources.base import SourceUnavailable, content_key, shape_key
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ def _observation(row: Any, seq: int) -> Observation | None:
         ended_at=end.timestamp() if end is not None else None,
         tool=name if kind == TOOL else None,
         args_key=content_key(data_in) if kind == TOOL else None,
+        args_shape=shape_key(data_in) if kind == TOOL else None,
         prompt_sha=content_key(data_in) if kind == LLM and data_in else None,
         model=getattr(row, "model", None),
         prompt_tokens=prompt_tokens,

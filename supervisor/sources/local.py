@@ -17,7 +17,7 @@ from crewguard.clock import SYSTEM_CLOCK, Clock
 from crewguard.crew.ledger import db
 from crewguard.crew.ledger.schema import runs, trace_events
 from crewguard.supervisor.model import TOOL, ActiveRun, Observation, insort_observation
-from crewguard.supervisor.sources.base import SourceUnavailable, content_key
+from crewguard.supervisor.sources.base import SourceUnavailable, content_key, shape_key
 
 #: Rows read per query while catching up.
 FEED_BATCH_ROWS = 20_000
@@ -147,6 +147,7 @@ class LocalFeedSource:
             ob.tool = str(attrs.get("tool") or row.name)
         if ob.args_key is None and "args" in attrs:
             ob.args_key = content_key(attrs["args"])
+            ob.args_shape = shape_key(attrs["args"])
         ob.prompt_sha = ob.prompt_sha or attrs.get("prompt_sha")
         ob.model = ob.model or attrs.get("model")
         self._touched[row.run_id] = self.clock.now()
