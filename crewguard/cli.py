@@ -31,6 +31,12 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _since(at: float | None) -> float | None:
+    import time
+
+    return None if at is None else max(0.0, time.time() - at)
+
+
 def _engine(settings: Settings):  # type: ignore[no-untyped-def]
     from crewguard.crew.ledger import db
 
@@ -39,9 +45,12 @@ def _engine(settings: Settings):  # type: ignore[no-untyped-def]
 
 # --- commands --------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from crewguard.crew.intake.cursors import intake_states
     from crewguard.crew.ledger import queries
 
-    snap = queries.status_snapshot(_engine(settings))
+    engine = _engine(settings)
+    snap = queries.status_snapshot(engine)
+    snap["intakes"] = intake_states(engine)
     if args.json:
         _print_json(snap)
         return 0
@@ -73,8 +82,14 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"supervisor: WARNING last heartbeat {_age(sup['age_s'])} ago")
     else:
         print(f"supervisor: alive ({_age(sup['age_s'])} ago)")
-    for intake in snap.get("intakes", []):
-        print(f"intake {intake['source']}: {intake.get('state')}")
+    for intake in snap["intakes"]:
+        state = (
+            "connected" if intake.get("connected") else f"DISCONNECTED ({intake.get('last_error') or '?'})"
+        )
+        print(
+            f"intake {intake['source']}: {state}, last message {_age(_since(intake.get('last_message_at')))} ago, "
+            f"lag {_age(intake.get('lag_s'))}, received {intake.get('received', 0)}"
+        )
     return 0
 
 
