@@ -64,3 +64,17 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     return request.getfixturevalue("pg_url")
+
+
+#: Test folders that must run before any in-process CrewAI kickoff: OpenInference's CrewAI
+#: instrumentation only sees LLM calls when it is installed before the process's first kickoff
+#: (as in production, where each worker child sets up tracing first).
+RUN_FIRST = ("tests/tracing/",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def first(item: pytest.Item) -> int:
+        path = item.nodeid.replace("\\", "/")
+        return 0 if any(path.startswith(prefix) for prefix in RUN_FIRST) else 1
+
+    items.sort(key=first)  # stable: the order inside each group is kept

@@ -312,14 +312,28 @@ def test_signing_key_is_private_and_stable(key_path: Path) -> None:
         audit.load_or_create_signing_key(key_path)
 
 
-def test_verify_with_settings_and_missing_public_key(ledger_url: str, tmp_path: Path) -> None:
+def test_verify_with_settings_anchors_a_fresh_log_and_needs_the_key_after(
+    ledger_url: str, tmp_path: Path
+) -> None:
     settings = Settings(data_dir=str(tmp_path / "data"), db={"url": ledger_url})
     eng = db.open_engine(settings.db_url)
     _fill(eng, 3)
+    eng.dispose()
+    # Nothing signed yet: the first verify signs the (intact) chain, then holds it to that checkpoint.
+    first = audit.verify_with_settings(settings)
+    assert first.ok and (first.entries, first.checkpoints) == (3, 1)
+    # Once checkpoints exist, a missing public key is a failure, not a reason to re-anchor.
+    audit.public_key_path_for(settings.audit_key_path).unlink()
     missing = audit.verify_with_settings(settings)
     assert not missing.ok and "public key" in missing.message and ".pub" in missing.message
 
-    audit.write_checkpoint(eng, key_path=settings.audit_key_path, checkpoint_dir=settings.checkpoint_dir)
+
+def test_verify_with_settings_refuses_to_anchor_a_broken_chain(ledger_url: str, tmp_path: Path) -> None:
+    settings = Settings(data_dir=str(tmp_path / "data"), db={"url": ledger_url})
+    eng = db.open_engine(settings.db_url)
+    _fill(eng, 5)
+    _attacker(eng, "UPDATE audit_log SET body = replace(body, 'event', 'evnt') WHERE seq = 3")
     eng.dispose()
     result = audit.verify_with_settings(settings)
-    assert result.ok and (result.entries, result.checkpoints) == (3, 1)
+    assert not result.ok
+    assert not any(Path(settings.checkpoint_dir).glob("*.checkpoint"))
