@@ -14,12 +14,9 @@ import os
 import tempfile
 import time
 import tracemalloc
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 
 from crewguard.clock import SYSTEM_CLOCK
 from crewguard.crew.ledger import audit, db
@@ -29,22 +26,6 @@ from crewguard.crew.ledger.schema import audit_log
 DEFAULT_PG_URL = os.environ.get("CREWGUARD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 #: Rows per INSERT batch while building the verify log.
 BUILD_BATCH = 5000
-
-
-@contextmanager
-def pg_schema_url(base_url: str) -> Iterator[str]:
-    """A URL whose search_path is a fresh schema, dropped afterwards."""
-    schema = f"cg_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(db.normalize_url(base_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        sep = "&" if "?" in base_url else "?"
-        yield f"{base_url}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def bench_appends(engine: Engine, n: int) -> float:
@@ -150,7 +131,7 @@ def main() -> None:
         work = Path(tmp)
         bench_engine("sqlite", f"sqlite:///{work / 'ledger.db'}", args, work)
         if not args.no_pg:
-            with pg_schema_url(args.pg_url) as url:
+            with db.scratch_schema(args.pg_url, "cg_bench") as url:
                 bench_engine("postgresql", url, args, work)
 
 

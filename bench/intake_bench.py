@@ -12,8 +12,6 @@ import time
 import uuid
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
 from crewguard.crew.intake.receive import receive_files
 from crewguard.crew.ledger import db
 from crewguard.settings import Settings
@@ -57,17 +55,8 @@ def bench_receive_files(url: str, paths: list[Path]) -> float:
 
 def bench_postgres(admin_url: str, paths: list[Path]) -> float:
     """Run the benchmark in a throwaway schema of the PostgreSQL database at `admin_url`."""
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(db.normalize_url(admin_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        sep = "&" if "?" in admin_url else "?"
-        return bench_receive_files(f"{admin_url}{sep}options=-csearch_path%3D{schema}", paths)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with db.scratch_schema(admin_url, "cg_bench") as url:
+        return bench_receive_files(url, paths)
 
 
 def main() -> None:

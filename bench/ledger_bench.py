@@ -12,15 +12,9 @@ import argparse
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
 from crewguard.crew.ledger import db, jobs, queries
-from crewguard.crew.ledger.db import normalize_url
 
 #: Jobs per run.
 DEFAULT_N = 2000
@@ -30,22 +24,6 @@ DEFAULT_WORKERS = 4
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 #: Long enough that no lease expires during a run.
 LEASE_S = 600.0
-
-
-@contextmanager
-def fresh_pg(url: str) -> Iterator[str]:
-    """A URL whose search_path is a new schema, dropped afterwards."""
-    schema = f"cg_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(normalize_url(url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        sep = "&" if "?" in url else "?"
-        yield f"{url}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def enqueue_all(url: str, n: int) -> float:
@@ -131,7 +109,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         bench("sqlite", f"sqlite:///{Path(tmp) / 'ledger.db'}", args.n, args.workers)
-    with fresh_pg(args.pg_url) as url:
+    with db.scratch_schema(args.pg_url, "cg_bench") as url:
         bench("postgresql", url, args.n, args.workers)
 
 

@@ -15,11 +15,9 @@ import time
 import uuid
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
 from crewguard.clock import FakeClock
 from crewguard.crew.ledger import db
-from crewguard.crew.ledger.db import normalize_url, open_engine
+from crewguard.crew.ledger.db import open_engine, scratch_schema
 from crewguard.crew.ledger.schema import emails, heartbeats, jobs, runs, trace_events
 from crewguard.settings import Settings
 from crewguard.supervisor.scan import Supervisor
@@ -148,16 +146,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 bench_engine("sqlite", f"sqlite:///{Path(tmp) / 'ledger.db'}", args)
         elif name == "pg":
-            schema = f"cg_bench_{uuid.uuid4().hex[:8]}"
-            admin = create_engine(normalize_url(PG_URL), isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(text(f"CREATE SCHEMA {schema}"))
-            try:
-                bench_engine("postgresql", f"{PG_URL}?options=-csearch_path%3D{schema}", args)
-            finally:
-                with admin.connect() as conn:
-                    conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-                admin.dispose()
+            with scratch_schema(PG_URL, "cg_bench") as url:
+                bench_engine("postgresql", url, args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,19 +37,10 @@ def need_service(name: str, host: str, port: int) -> None:
 def pg_url() -> Iterator[str]:
     """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
     need_service("PostgreSQL", "127.0.0.1", 5432)
-    from sqlalchemy import create_engine, text
+    from crewguard.crew.ledger.db import scratch_schema
 
-    from crewguard.crew.ledger.db import normalize_url
-
-    schema = f"cg_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(normalize_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in PG_ADMIN_URL else "?"
-    yield f"{PG_ADMIN_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    with scratch_schema(PG_ADMIN_URL) as url:
+        yield url
 
 
 @pytest.fixture

@@ -97,3 +97,24 @@ def read(engine: Engine) -> Iterator[Connection]:
 
 def default_sqlite_url(data_dir: str | os.PathLike[str]) -> str:
     return f"sqlite:///{Path(data_dir).resolve() / 'ledger.db'}"
+
+
+@contextmanager
+def scratch_schema(admin_url: str, prefix: str = "cg") -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a new, empty schema, dropped afterwards.
+
+    For tests and benchmarks: each gets its own ledger inside one shared database.
+    """
+    import uuid
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(normalize_url(admin_url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        sep = "&" if "?" in admin_url else "?"
+        yield f"{admin_url}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        admin.dispose()
