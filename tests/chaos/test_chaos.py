@@ -194,7 +194,11 @@ def test_chaos_no_email_lost_no_ticket_twice(chaos: CrewHarness) -> None:
         proc.send_signal(signal.SIGTERM)
     for proc in daemons:
         proc.wait(timeout=STOP_DEADLINE_S)
-        assert proc.returncode == 0, h.log_of(proc)[-3000:]
+        log = h.log_of(proc)
+        # A daemon restarted moments ago may still be importing, before its SIGTERM handler is
+        # installed (it logs "crew daemon" right after): then the signal ends it, which is fine.
+        started = "crew daemon" in log
+        assert proc.returncode == 0 or (not started and proc.returncode == -signal.SIGTERM), log[-3000:]
     wait_until(lambda: not h.leftover_children(), STOP_DEADLINE_S, "no job child to outlive the chaos")
     duration_s = time.monotonic() - t0
 
