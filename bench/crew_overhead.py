@@ -37,13 +37,13 @@ import sqlalchemy as sa  # noqa: E402
 
 from crewguard.agents.crew_factory import build_crew  # noqa: E402
 from crewguard.agents.email import EmailForTriage  # noqa: E402
+from crewguard.crew.flow.context import JobContext  # noqa: E402
 from crewguard.crew.flow.triage import process_email  # noqa: E402
 from crewguard.crew.intake.receive import receive_email  # noqa: E402
 from crewguard.crew.ledger import db, jobs  # noqa: E402
 from crewguard.crew.ledger.schema import audit_log  # noqa: E402
 from crewguard.crew.ledger.schema import emails as emails_table  # noqa: E402
 from crewguard.crew.workers.daemon import CrewDaemon  # noqa: E402
-from crewguard.crew.workers.handlers import JobContext  # noqa: E402
 from crewguard.llm_sim import ScenarioLLM  # noqa: E402
 from crewguard.settings import Settings, load_settings  # noqa: E402
 

@@ -30,6 +30,7 @@ from crewguard.agents.classify import (
 from crewguard.agents.email import EmailForTriage
 from crewguard.agents.hooks import RunBudget
 from crewguard.crew import paging
+from crewguard.crew.flow.context import JobContext
 from crewguard.crew.intake.parse import parse_email
 from crewguard.crew.ledger import audit, db, jobs
 from crewguard.crew.ledger.schema import emails
@@ -41,7 +42,6 @@ from crewguard.crew.sinks.base import (
     sink_policy,
 )
 from crewguard.crew.tracing.setup import TracingHandle, start_tracing
-from crewguard.crew.workers.handlers import JobContext
 from crewguard.retry import Attempt, RetryPolicy, call_with_retries
 from crewguard.settings import Settings
 

@@ -34,8 +34,9 @@ def run_child(settings: Settings, claim_fields: dict[str, object]) -> None:
 
     become_group_leader_tied_to_parent()  # first, before slow imports: the daemon waits for it
 
+    from crewguard.crew.flow.context import JobContext
     from crewguard.crew.ledger import db, jobs
-    from crewguard.crew.workers.handlers import JobContext, get_handler, job_retry_policy
+    from crewguard.crew.workers.handlers import get_handler, job_retry_policy
 
     for noisy in ("crewai", "crewai.llms.base_llm", "crewai.flow.runtime", "openinference"):
         logging.getLogger(noisy).setLevel(logging.ERROR)  # our flow records what matters

@@ -13,20 +13,11 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from sqlalchemy import Engine
-
+from crewguard.crew.flow.context import JobContext
 from crewguard.crew.ledger import db, jobs
 from crewguard.retry import RetryPolicy
 from crewguard.settings import Settings
-
-
-@dataclass(frozen=True)
-class JobContext:
-    engine: Engine
-    settings: Settings
-    claim: jobs.Claim
 
 
 def job_retry_policy(settings: Settings) -> RetryPolicy:
