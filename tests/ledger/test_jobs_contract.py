@@ -468,21 +468,8 @@ def test_concurrent_claimers_never_share_a_job(ledger_url: str) -> None:
     total, workers = 200, 4
     engines = [db.open_engine(ledger_url) for _ in range(workers)]
     seed = FakeClock(start=1.0)  # enqueued in the past: every job is due on the real clock
-    with db.write(engines[0]) as conn:
-        for n in range(total):
-            jobs.enqueue_email(
-                conn,
-                key=key(n),
-                raw=b"x",
-                source="file",
-                source_ref=None,
-                message_id=None,
-                subject=None,
-                sender=None,
-                parse_error=None,
-                max_attempts=3,
-                clock=seed,
-            )
+    for n in range(total):
+        enqueue(engines[0], n, seed)
     claimed: list[list[Claim]] = [[] for _ in range(workers)]
     errors: list[BaseException] = []
     barrier = threading.Barrier(workers)

@@ -13,6 +13,7 @@ from crewguard.clock import FakeClock
 from crewguard.crew.ledger import db, jobs
 from crewguard.crew.ledger.schema import JOB_DONE, runs, tickets
 from crewguard.crew.ledger.schema import jobs as jobs_table
+from tests.ledger.test_jobs_contract import enqueue
 
 TOTAL_JOBS = 120
 WORKER_PROCESSES = 3
@@ -21,10 +22,6 @@ SHORT_LEASE_S = 1.0
 #: The workers give up (and the test fails) if the queue is not drained by then.
 DRAIN_DEADLINE_S = 120.0
 IDLE_POLL_S = 0.05
-
-
-def key(n: int) -> str:
-    return f"{n:064x}"
 
 
 def drain_worker(url: str, owner: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
@@ -64,21 +61,8 @@ def hold_forever(url: str, ready: multiprocessing.Event) -> None:  # type: ignor
 
 def test_processes_drain_the_queue_despite_a_killed_claimer(ledger_url: str) -> None:
     engine = db.open_engine(ledger_url)
-    with db.write(engine) as conn:
-        for n in range(TOTAL_JOBS):
-            jobs.enqueue_email(
-                conn,
-                key=key(n),
-                raw=b"x",
-                source="file",
-                source_ref=None,
-                message_id=None,
-                subject=None,
-                sender=None,
-                parse_error=None,
-                max_attempts=3,
-                clock=FakeClock(start=1.0),  # in the past: due at once on the real clock
-            )
+    for n in range(TOTAL_JOBS):
+        enqueue(engine, n, FakeClock(start=1.0))  # in the past: due at once on the real clock
     engine.dispose()  # children open their own connections
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
