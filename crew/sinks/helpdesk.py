@@ -12,9 +12,13 @@ from crewguard.crew.sinks.base import TicketRequest
 HELPDESK_ID_HEX_DIGITS = 12
 
 
+def helpdesk_ticket_id(email_key: str) -> str:
+    """The deterministic helpdesk id for an email (same email, same id)."""
+    return f"HD-{email_key[:HELPDESK_ID_HEX_DIGITS]}"
+
+
 class HelpdeskSink:
     name = "helpdesk"
 
     def create_ticket(self, req: TicketRequest) -> str:
-        """The deterministic helpdesk id for this email (same email, same id)."""
-        return f"HD-{req.email_key[:HELPDESK_ID_HEX_DIGITS]}"
+        return helpdesk_ticket_id(req.email_key)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from crewguard.crew.flow.context import JobContext
 from crewguard.crew.ledger import db, jobs
+from crewguard.crew.sinks.helpdesk import helpdesk_ticket_id
 from crewguard.retry import RetryPolicy
 from crewguard.settings import Settings
 
@@ -44,7 +45,7 @@ def echo_handler(ctx: JobContext) -> None:
             team=team,
             category=category,
             classifier="echo",
-            external_id=f"HD-{ctx.claim.email_key[:12]}",
+            external_id=helpdesk_ticket_id(ctx.claim.email_key),
         )
 
 

@@ -15,8 +15,8 @@ from sqlalchemy import Engine, select
 
 from crewguard.clock import SYSTEM_CLOCK, Clock
 from crewguard.crew.ledger import audit, db, jobs
-from crewguard.crew.ledger.heartbeats import crew_component
-from crewguard.crew.ledger.schema import JOB_RUNNING, heartbeats
+from crewguard.crew.ledger.heartbeats import crew_component, last_seen
+from crewguard.crew.ledger.schema import JOB_RUNNING
 from crewguard.crew.ledger.schema import jobs as jobs_table
 from crewguard.crew.workers import procgroup
 from crewguard.supervisor.actions.incidents import ACTION_KILL_REQUESTED, ACTION_KILLED, reply, set_action
@@ -62,9 +62,7 @@ def kill(
             return None
         if finding.run_id and job.run_id and job.run_id != finding.run_id:
             return None  # the job moved on to a new attempt: never kill a run that did nothing wrong
-        beat = conn.execute(
-            select(heartbeats.c.at).where(heartbeats.c.component == crew_component(job.lease_owner or ""))
-        ).scalar()
+        beat = last_seen(conn, crew_component(job.lease_owner or ""))
     requested = False
     if job.kill_requested_at is None:
         requested = jobs.request_kill(
